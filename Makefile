@@ -1,0 +1,31 @@
+# Set-up, tests and the main job. Every target installs what a fresh machine lacks, so
+# `make test` and `make demo` are the only commands a new checkout needs.
+PYTHON ?= python3
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: setup test demo bench
+
+setup:
+	@# Keep an existing torch (a GPU user's CUDA build); otherwise take the CPU 2.13.0 wheel, never a
+	@# multi-GB CUDA build that an unpinned `torch` would pull.
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet "torch==2.13.0"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@# Fashion-MNIST comes from Debian's dataset-fashion-mnist; WordNet glosses ship in attn_temp/data.
+	@if [ ! -d "$(FASHION_MNIST_DIR)" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+		else \
+			echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' for the image jobs and tests."; \
+		fi; \
+	fi
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PYTHON) scripts/sweep.py --output_dir outputs/demo_sweep
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PYTHON) scripts/bench_patch.py
+	HF_HUB_OFFLINE=1 $(PYTHON) scripts/bench_measure.py
+	HF_HUB_OFFLINE=1 $(PYTHON) scripts/bench_finetune.py
