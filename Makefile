@@ -22,8 +22,12 @@ setup:
 test: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
 
+# A small sweep: MiniLM on WordNet noun glosses at three head temperatures, one seed.
 demo: setup
-	HF_HUB_OFFLINE=1 $(PYTHON) scripts/sweep.py --output_dir outputs/demo_sweep
+	HF_HUB_OFFLINE=1 $(PYTHON) scripts/sweep.py --head_temperatures 0.5,4,32 --seeds 0 \
+		--max_train_samples 1500 --num_train_epochs 2 --max_length 32 --learning_rate 1e-4 \
+		--max_eval_samples 1000 --measure_every epoch --probe_samples 1000 --test_samples 500 \
+		--output_dir outputs/demo_sweep
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) scripts/bench_patch.py
