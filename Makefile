@@ -20,7 +20,7 @@ setup:
 	fi
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest --durations=15
 
 # A small sweep: MiniLM on WordNet noun glosses at three head temperatures, one seed.
 demo: setup

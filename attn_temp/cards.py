@@ -66,6 +66,10 @@ def write_text_atomic(path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        # NamedTemporaryFile creates mode 0600; give the result the mode of an ordinary new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)
         os.replace(handle.name, path)
     except BaseException:
         # The target is untouched; only the partial temporary file goes.

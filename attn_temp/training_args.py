@@ -16,6 +16,7 @@ import torch
 from .config import validate_temperature
 from .training_data import (
     DEFAULT_TEXT_DATASET,
+    DEFAULT_VIT_CONFIG,
     _data_file_format,
     default_model_path,
     is_image_dataset,
@@ -527,6 +528,8 @@ def validate_args(args) -> None:
         )
     elif not from_scratch:
         default_model_path()
+    if isinstance(attention, list):
+        _check_layer_count(args, attention, from_scratch)
     checkpoint = resolve_checkpoint(args)
     if checkpoint is not None:
         check_checkpoint(checkpoint)
@@ -535,6 +538,22 @@ def validate_args(args) -> None:
     # ----- DATA -----
     raw = load_raw_datasets(args)
     resolve_columns(raw, args)
+
+
+def _check_layer_count(args, attention: list, from_scratch: bool) -> None:
+    """Raise ValueError when a per-layer `--attention_temperature` does not have one value per layer."""
+    from transformers import AutoConfig, ViTConfig
+
+    if from_scratch:
+        config = ViTConfig(**{**DEFAULT_VIT_CONFIG, **vit_config_overrides(args.model_config)})
+    else:
+        config = AutoConfig.from_pretrained(args.model_name_or_path or default_model_path())
+    layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if layers is not None and len(attention) != layers:
+        raise ValueError(
+            f"`--attention_temperature` has {len(attention)} values, but the model has {layers} layers. "
+            "Pass one value for every layer, or one value per layer separated by commas."
+        )
 
 
 def _is_cached_on_hub(repo_id: str) -> bool:

@@ -44,8 +44,10 @@ PER_RUN_OPTIONS = ("--seed", "--output_dir", "--head_temperature", "--attention_
 
 
 def build_parser():
+    # allow_abbrev=False: otherwise argparse reads finetune.py's --seed as an abbreviation of --seeds.
     parser = argparse.ArgumentParser(
         description="Sweep head and/or attention temperatures over seeds; other options go to finetune.py.",
+        allow_abbrev=False,
     )
     parser.add_argument("--head_temperatures", default=None, help="comma-separated head temperatures, e.g. 0.25,1,4,16,64")
     parser.add_argument("--attention_temperatures", default=None, help="comma-separated attention temperatures for every layer, e.g. 0.5,1,2,4,8")

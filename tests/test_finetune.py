@@ -462,3 +462,11 @@ def test_cli_bad_input_exits_before_training(tmp_path):
     assert result.returncode == 2
     assert "`--max_train_steps` must be a positive integer, got 0" in result.stderr
     assert not (output_dir / "metrics.jsonl").exists()
+
+
+def test_wrong_layer_count_fails_before_loading(tmp_path):
+    output_dir = tmp_path / "out"
+    args = parse_args(["--attention_temperature", "1,2", "--output_dir", str(output_dir)])
+    with pytest.raises(ValueError, match="has 2 values, but the model has 6 layers"):
+        validate_args(args)
+    assert not output_dir.exists()

@@ -1,5 +1,6 @@
 """End-to-end tests of scripts/sweep.py on the real MiniLM and WordNet glosses, and of the sweep helpers."""
 
+import importlib.util
 import json
 import math
 import os
@@ -29,9 +30,9 @@ TINY = [
 ]
 
 
-def run_sweep(*arguments, check=True):
+def run_sweep(*arguments, check=True, timeout=900):
     command = [sys.executable, str(SWEEP), *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if check and result.returncode != 0:
         raise AssertionError(f"sweep failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
@@ -110,11 +111,15 @@ def test_sweep_rejects_other_configuration(tiny_sweep):
         (["--head_temperatures", "1", "--seed", "3"], "--seed is set by the sweep"),
     ],
 )
-def test_sweep_bad_input_fails_fast(tmp_path, arguments, message):
-    result = run_sweep("--output_dir", str(tmp_path / "out"), *arguments, check=False)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert not (tmp_path / "out" / "runs").exists()
+def test_sweep_bad_input_fails_fast(tmp_path, capsys, arguments, message):
+    spec = importlib.util.spec_from_file_location("sweep_script", SWEEP)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--output_dir", str(tmp_path / "out"), *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------
