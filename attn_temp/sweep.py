@@ -217,6 +217,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
             mean, half_width = row[column]["mean"], row[column]["ci95"]
             if math.isnan(mean):
                 cells.append("n/a")
+            elif math.isnan(half_width):  # one seed: no interval
+                cells.append(f"{mean:.3g}")
             elif abs(mean) >= 100:
                 cells.append(f"{mean:.0f} ± {half_width:.0f}")
             else:

@@ -183,7 +183,7 @@ def write_summary(output_dir, records: Sequence[dict], configuration: dict) -> s
     markdown = "\n\n".join(
         part for part in (
             "# Sweep summary",
-            "Mean ± half-width of the 95% Student-t confidence interval over seeds (± 0 or nan: one seed).",
+            "Mean ± half-width of the 95% Student-t confidence interval over seeds; a single seed shows the mean alone.",
             table,
             "## All metrics",
             full_table,
