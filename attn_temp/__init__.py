@@ -16,8 +16,10 @@ from .patching import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "RepresentationReport",
     "TemperatureConfig",
     "UnsupportedModelError",
+    "extract_features",
     "get_temperatures",
     "load_patched",
     "measure_representations",
