@@ -312,9 +312,9 @@ def patch_model(
             `attn_temp_log_temperature`; an optimizer built after patching trains them.
         per_head (`bool`): with `learnable`, one attention temperature per head.
 
-    Calling it again replaces the temperatures. Called with no temperature arguments it re-applies what
-    `config.attn_temp` holds; on an already patched model it keeps the current (learned) values and turns
-    their gradients back on, which is what a peft model needs after `get_peft_model` froze them.
+    Calling it again replaces the temperatures. Called with no temperature arguments, it re-applies the
+    values in `config.attn_temp`. On an already patched model it keeps the current (learned) values and
+    turns their gradients back on, because `get_peft_model` freezes them.
 
     Raises:
         ValueError: a temperature <= 0, NaN, infinite or not a number; a per-layer sequence of the wrong
@@ -494,7 +494,7 @@ def _load_learned_temperatures(model: PreTrainedModel, path, from_pretrained_kwa
             learned.update({key: handle.get_tensor(key) for key in handle.keys() if key.endswith(LOG_TEMPERATURE)})
     if not learned:
         raise ValueError(
-            f"{path} says its temperatures are learnable but its weights hold no `*.{LOG_TEMPERATURE}` tensors. "
+            f"{path} has learnable temperatures in its config, but its weights contain no `*.{LOG_TEMPERATURE}` tensors. "
             "The checkpoint is incomplete; save it again from the patched model with `save_pretrained`."
         )
     missing = []
@@ -505,4 +505,4 @@ def _load_learned_temperatures(model: PreTrainedModel, path, from_pretrained_kwa
             continue
         state[key].copy_(value.to(state[key].dtype))
     if missing:
-        raise ValueError(f"{path} holds learned temperatures {missing} that match no module of {type(model).__name__}.")
+        raise ValueError(f"{path} contains learned temperatures {missing} that match no module of {type(model).__name__}. Load it with the model class it was saved from (`model_class=`).")

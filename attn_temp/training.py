@@ -6,9 +6,9 @@ This is the reusable core of `scripts/finetune.py` and of the temperature sweep:
 - `validate_args(args)` rejects bad input before any long work starts,
 - `training_function(args, accelerator=None)` runs one job and returns its final metrics.
 
-`training_function` may be called several times in one process (a sweep does): each call seeds itself,
-builds its own model, optimizer and data loaders, keeps no module-level state except a cache of the raw data
-sets, and releases the accelerator's references when it returns. It releases them after a failure too. A caller may pass one
+`training_function` may be called several times in one process, as a sweep does. Each call seeds itself and
+builds its own model, optimizer and data loaders. It keeps no module-level state except a cache of the raw
+data sets, and it releases the accelerator's references when it returns, after a failure too. A caller may pass one
 `Accelerator` (from `make_accelerator`) to every call; without one each call creates its own.
 
 Argument parsing and checks live in `attn_temp.training_args`, data and model set-up in

@@ -2,8 +2,8 @@
 
     python scripts/bench_patch.py [--batches 20] [--repeats 7] [--batch_size 32] [--max_length 64]
 
-Every configuration runs on the same batches, interleaved in each repeat so that drift of the machine hits
-all of them alike; the reported ratio is the median over repeats of (patched time / unpatched time).
+Every configuration runs on the same batches, interleaved in each repeat, so drift of the machine hits all
+of them alike. The reported ratio is the median over repeats of (patched time / unpatched time).
 Results go to docs/benchmarks.md by hand.
 """
 

@@ -37,17 +37,8 @@ NUM_GLOSSES = 400  # more than the 384 features; with batches of 32, the last ba
 NUM_SUPERSENSES = 26
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run this module on one intra-op thread, then restore the setting.
-
-    On a CPU shared with other jobs, two OpenMP threads spin against each other and make the small
-    LAPACK calls here (eigvalsh, svdvals) 20 times slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The small LAPACK calls here run faster on one thread (see the fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------

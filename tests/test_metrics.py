@@ -18,17 +18,8 @@ from attn_temp.metrics import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run this module on one intra-op thread, then restore the setting.
-
-    On a CPU shared with other jobs, two OpenMP threads spin against each other and make the small
-    LAPACK calls here (eigvalsh, svdvals) 20 times slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The small LAPACK calls here run faster on one thread (see the fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def low_rank_features(num_samples, feature_dim, rank, *, offset=0.0, seed=0, dtype=torch.float64):
