@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -53,28 +52,6 @@ class PushToHubError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------
 # Files and tables
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, then `os.replace` it into place."""
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # NamedTemporaryFile creates mode 0600; give the result the mode of an ordinary new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)
-        os.replace(handle.name, path)
-    except BaseException:
-        # The target is untouched; only the partial temporary file goes.
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def format_value(value, float_format: str = "{:.4g}") -> str:
@@ -163,8 +140,15 @@ def build_card_data(metrics: dict, model_name: str):
     temperatures = metrics.get("temperatures", {})
     ranks = {layer: values.get("numerical_rank") for layer, values in metrics.get("ranks", {}).items()}
     base_model = metrics.get("base_model")
+    base_card = base_model_card_data(base_model)
+    license_id = metrics.get("args", {}).get("license") or base_card.get("license")
+    if license_id is None:
+        logger.info("The model card has no license; pass --license to set one.")
+    language = base_card.get("language") or ("en" if str(metrics.get("dataset", "")).startswith("wordnet") else None)
     return ModelCardData(
         model_name=model_name,
+        license=license_id,
+        language=language,
         base_model=_hub_base_model(base_model),
         library_name="transformers",
         pipeline_tag=task,
@@ -195,6 +179,76 @@ def _hub_base_model(path) -> str | None:
     return text
 
 
+def base_model_card_data(path) -> dict:
+    """Return the metadata of the base model's card when it is on disk (a local folder or the Hub cache).
+
+    Nothing is downloaded: a card that is not on disk gives an empty dict.
+    """
+    if not path:
+        return {}
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    card_file = Path(str(path)) / "README.md"
+    if not card_file.is_file():
+        hub_id = _hub_base_model(path)
+        cached = try_to_load_from_cache(hub_id, "README.md") if hub_id else None
+        if not isinstance(cached, str):
+            return {}
+        card_file = Path(cached)
+    try:
+        return ModelCard.load(card_file).data.to_dict()
+    except (OSError, ValueError) as err:
+        logger.warning("Could not read the base model card %s (%s); the card gets no license from it.", card_file, err)
+        return {}
+
+
+def _measured_steps_text(metrics: dict) -> str | None:
+    """Describe when rank was measured: the steps, then the cadence that chose them."""
+    steps = metrics.get("measured_steps")
+    cadence = metrics.get("args", {}).get("measure_every")
+    if cadence is None:
+        return None
+    if cadence == "epoch":
+        rule = "at the start and at the end of each epoch"
+    elif cadence == "end":
+        rule = "at the start and at the end"
+    else:
+        rule = f"every {cadence} optimizer steps, at the start and at the end"
+    if not steps:
+        return rule
+    displayed_steps = [str(step) for step in steps]
+    if len(displayed_steps) > 12:
+        displayed_steps = [*displayed_steps[:6], "...", *displayed_steps[-3:]]
+    return f"steps {', '.join(displayed_steps)} ({rule})"
+
+
+def _rank_notes(metrics: dict) -> str:
+    """Explain ranks that look wrong but are expected, such as rank 0 of the embeddings under CLS pooling."""
+    settings = metrics.get("representations", {}).get("settings", {})
+    ranks = metrics.get("ranks", {})
+    notes = []
+    if settings.get("pooling") == "cls" and ranks.get("embeddings", {}).get("numerical_rank") == 0:
+        notes.append(
+            "The `embeddings` row is 0 because each layer is read at the first token (CLS pooling): the embedding "
+            "output there is the [CLS] token's embedding, the same for every input. "
+            "`attn_temp.measure_representations(..., pooling=\"mean\")` measures the embedding rank."
+        )
+    return " ".join(notes)
+
+
+def _pooling_text(metrics: dict) -> str:
+    pooling = metrics.get("representations", {}).get("settings", {}).get("pooling")
+    return {
+        "cls": "the first token (CLS pooling)",
+        "mean": "the mean over non-padding tokens",
+        "last": "the last non-padding token",
+    }.get(pooling, "one vector per example")
+
+
+def _percent(fraction) -> str | None:
+    return None if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def _rank_rows(metrics: dict) -> list[dict]:
     rows = []
     for layer, values in metrics.get("ranks", {}).items():
@@ -219,9 +273,9 @@ def _setup_rows(metrics: dict) -> list[dict]:
         ("LoRA", f"r={args.get('lora_r')}, alpha={args.get('lora_alpha')}" if args.get("use_lora") else "no"),
         ("mixed precision", args.get("mixed_precision")),
         ("seed", args.get("seed")),
-        ("rank measured every", args.get("measure_every")),
+        ("rank measured at", _measured_steps_text(metrics)),
         ("training time (s)", metrics.get("train_seconds")),
-        ("share of training time spent measuring", metrics.get("measure_share")),
+        ("share of training time spent measuring", _percent(metrics.get("measure_share"))),
     ]
     return [{"setting": key, "value": value} for key, value in keys if value is not None]
 
@@ -277,6 +331,8 @@ def build_model_card(output_dir, metrics: dict, template_path=None, model_name: 
         measure_samples=metrics.get("args", {}).get("measure_samples"),
         results_table=markdown_table(result_rows),
         rank_table=markdown_table(_rank_rows(metrics)),
+        rank_notes=_rank_notes(metrics),
+        pooling=_pooling_text(metrics),
         setup_table=markdown_table(_setup_rows(metrics)),
         plots=plots,
         is_image=metrics.get("task") == "image-classification",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import logging
 import os
 from pathlib import Path

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .files import write_text_atomic
 from .metrics import (
     DEFAULT_CENTER,
     DEFAULT_RANK_TOLERANCE,
@@ -467,13 +468,7 @@ class RepresentationReport:
         """Write `to_dict()` as JSON, atomically (a temporary file in the same folder, then a rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".json.tmp", delete=False) as handle:
-            json.dump(self.to_dict(full_spectrum=full_spectrum), handle, indent=2)
-        # NamedTemporaryFile creates the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)
-        os.replace(handle.name, path)
+        write_text_atomic(path, json.dumps(self.to_dict(full_spectrum=full_spectrum), indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -463,7 +463,8 @@ def load_patched(path: str | os.PathLike, model_class=None, **from_pretrained_kw
     from transformers import AutoModelForSequenceClassification
 
     model_class = model_class or AutoModelForSequenceClassification
-    model = model_class.from_pretrained(path, **from_pretrained_kwargs)
+    with _learned_temperatures_expected(model_class, path, from_pretrained_kwargs):
+        model = model_class.from_pretrained(path, **from_pretrained_kwargs)
     if getattr(model.config, CONFIG_KEY, None) is None:
         logger.warning("%s has no `%s` entry in its config; returning it unpatched.", path, CONFIG_KEY)
         return model
@@ -471,6 +472,52 @@ def load_patched(path: str | os.PathLike, model_class=None, **from_pretrained_kw
     if model.config.attn_temp.get("learnable"):
         _load_learned_temperatures(model, path, from_pretrained_kwargs)
     return model
+
+
+@contextlib.contextmanager
+def _learned_temperatures_expected(model_class, path, from_pretrained_kwargs):
+    """Mark `*.attn_temp_log_temperature` weights as expected while `model_class` loads `path`.
+
+    The unpatched model has no such parameters, so transformers would list them as UNEXPECTED in its load
+    report, although `load_patched` loads them right after. transformers reads the patterns of
+    `_keys_to_ignore_on_load_unexpected` from the class when it builds the model, so the class attribute is
+    extended for the duration of the load and restored afterwards.
+    """
+    concrete_class = model_class
+    model_mapping = getattr(model_class, "_model_mapping", None)
+    if model_mapping is not None:
+        # An Auto class: the class it builds depends on the checkpoint's config.
+        from transformers import AutoConfig, PretrainedConfig
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        config_kwargs = {
+            key: from_pretrained_kwargs[key]
+            for key in ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
+            if key in from_pretrained_kwargs
+        }
+        config = from_pretrained_kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            config = AutoConfig.from_pretrained(config or path, **config_kwargs)
+        try:
+            concrete_class = _get_model_class(config, model_mapping)
+        except (KeyError, ValueError):
+            # from_pretrained raises the clear error for an unsupported config.
+            concrete_class = None
+    if concrete_class is None:
+        yield
+        return
+    attribute = "_keys_to_ignore_on_load_unexpected"
+    had_own = attribute in vars(concrete_class)
+    previous = vars(concrete_class).get(attribute)
+    inherited = getattr(concrete_class, attribute, None) or []
+    setattr(concrete_class, attribute, [*inherited, rf"\.{LOG_TEMPERATURE}$"])
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(concrete_class, attribute, previous)
+        else:
+            delattr(concrete_class, attribute)
 
 
 def _load_learned_temperatures(model: PreTrainedModel, path, from_pretrained_kwargs) -> None:

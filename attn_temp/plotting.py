@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from .files import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -65,26 +66,13 @@ def _default_label(report: dict[str, Any], index: int) -> str:
     return f"T = {temperature:g}" if isinstance(temperature, (int, float)) else f"report {index}"
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _save(figure, path: str | os.PathLike) -> Path:
-    """Write the figure to `path` as PNG through a temporary file in the same folder, then close it."""
+    """Write the figure to `path` as PNG, atomically, then close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png.tmp", delete=False) as handle:
-        temporary = handle.name
     try:
-        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-        # NamedTemporaryFile creates the file private (0600); give it the mode a plain open() would.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(figure)
     logger.info("Wrote %s", path)

@@ -202,7 +202,7 @@ def write_summary(output_dir, records: Sequence[dict], configuration: dict) -> s
 def _write_card(output_dir: Path, records, rows, table: str, sensitivity: str, plots: dict, configuration: dict) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .cards import write_text_atomic
+    from .files import write_text_atomic
 
     finetune = configuration.get("finetune", {})
     data = ModelCardData(

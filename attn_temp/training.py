@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_path, restore_ordinary_modes, write_text_atomic
+
 # Re-exported: with training_function they form the public API of the fine-tuning job (see __all__).
 from .training_args import (  # noqa: F401
     CHECKPOINT_NAME,
@@ -275,8 +277,6 @@ def _json_default(value):
 
 def write_json_atomic(path, data) -> None:
     """Write `data` as JSON to `path` through a temporary file in the same folder and `os.replace`."""
-    from .cards import write_text_atomic
-
     write_text_atomic(path, json.dumps(data, indent=2, default=_json_default, sort_keys=False) + "\n")
 
 
@@ -376,7 +376,14 @@ def _train(args, accelerator) -> dict:
 
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
-    logger.info("Run %s on %s (%d process(es)).", output_dir, accelerator.device, accelerator.num_processes)
+    # `accelerate launch` on CPU sets OMP_NUM_THREADS=1 unless given --cpu or --num_cpu_threads_per_process.
+    logger.info(
+        "Run %s on %s (%d process(es), %d torch thread(s) per process).",
+        output_dir,
+        accelerator.device,
+        accelerator.num_processes,
+        torch.get_num_threads(),
+    )
 
     # ----- DATA -----
     raw = load_raw_datasets(args)
@@ -463,6 +470,12 @@ def _train(args, accelerator) -> dict:
     measure_seconds = 0.0
     last_measurement: dict = {}
     last_measured_step = None
+    # A resumed run keeps the measurement steps of its first part (later ones were measured after the checkpoint).
+    measured_steps = [
+        record["step"]
+        for record in (read_jsonl(history_path) if completed_steps and history_path.exists() else [])
+        if record.get("type") == "measurement" and record["step"] <= completed_steps
+    ]
 
     def measure_point(step: int, epoch: int) -> None:
         # Every process must call this: the measurement gathers features across processes.
@@ -470,6 +483,7 @@ def _train(args, accelerator) -> dict:
         report, seconds = _measure(model, measure_dataloader, accelerator, args)
         measure_seconds += seconds
         last_measured_step = step
+        measured_steps.append(step)
         temperatures = get_temperatures(accelerator.unwrap_model(model))
         last_measurement = report
         record = {
@@ -486,6 +500,8 @@ def _train(args, accelerator) -> dict:
 
     def save_checkpoint(name: str) -> None:
         accelerator.save_state(str(output_dir / name))
+        if accelerator.is_main_process:
+            restore_ordinary_modes((output_dir / name).glob("*.safetensors"))
         logger.info("Saved checkpoint %s.", output_dir / name)
 
     # Training time runs from the step-0 measurement to the final one, so measure_share is the share of it.
@@ -576,6 +592,7 @@ def _train(args, accelerator) -> dict:
         "evaluation": results,
         "temperatures": temperatures,
         "ranks": _summarize_report(last_measurement),
+        "measured_steps": measured_steps,
         "representations": last_measurement,
         "completed_steps": completed_steps,
         "epochs": num_epochs,
@@ -600,11 +617,12 @@ def _train(args, accelerator) -> dict:
         unwrapped = unwrapped.merge_and_unload()
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, save_function=accelerator.save)
+        restore_ordinary_modes(output_dir.glob("*.safetensors"))
         processor.save_pretrained(output_dir)
         write_json_atomic(output_dir / METRICS_FILE, metrics)
         _write_plots(output_dir, metrics)
         card = cards.build_model_card(output_dir, metrics)
-        cards.write_text_atomic(output_dir / CARD_FILE, str(card))
+        write_text_atomic(output_dir / CARD_FILE, str(card))
         logger.info("Model card written to %s.", output_dir / CARD_FILE)
     accelerator.wait_for_everyone()
 
@@ -691,14 +709,11 @@ def plot_rank_over_training(history: list[dict], path, *, title: str = "", rank:
         axes.legend(fontsize=7, ncol=2, loc="best")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
     try:
-        figure.savefig(temporary, format="png", dpi=110)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110)
     finally:
         plt.close(figure)
-        temporary.unlink(missing_ok=True)
 
 
 def _plot_title(metrics: dict) -> str:

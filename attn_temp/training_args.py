@@ -286,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--hub_token", default=None, help="Hub token; defaults to the one saved by `hf auth login`.")
     output.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
     output.add_argument(
+        "--license",
+        default=None,
+        help="License of the model in its card's metadata, as a Hub license id (e.g. apache-2.0, mit). Defaults "
+        "to the license in the base model's card when that card is on disk; a model trained from scratch has none.",
+    )
+    output.add_argument(
         "--dry_run",
         action="store_true",
         help="With --push_to_hub, list the files and sizes that would be uploaded instead of uploading them.",

@@ -12,13 +12,16 @@
 #    default job (all defaults of finetune.py). Target: under 10%.
 #
 # The two sides alternate (finetune, Trainer, finetune, ...) so that load from other processes hits both;
-# the median of each side is reported.
+# the median of each side is reported. Both sides shuffle with accelerate's seedable sampler from the same
+# seed. The script records the token count of every training batch on both sides and reports whether they
+# saw the same batches in the same order, so that with dynamic padding both do the same work.
 #
 #   python scripts/bench_finetune.py                       # about 10 minutes on 2 idle cores
 #   python scripts/bench_finetune.py --quick               # smaller epochs, a rough check
 #   python scripts/bench_finetune.py --json bench.json     # also write the numbers as JSON
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,10 +36,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import attn_temp.training  # noqa: E402
 from attn_temp import patch_model  # noqa: E402
 from attn_temp.training import (  # noqa: E402
     FINETUNE_LEARNING_RATE,
-    _collator,
     _preprocess,
     default_args,
     default_model_path,
@@ -73,6 +76,47 @@ def build_parser():
     )
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     return parser
+
+
+@contextlib.contextmanager
+def recording_batches(batches: list):
+    """Wrap the collator that both sides build with `attn_temp.training._collator` to record each batch.
+
+    Each collated batch is recorded as (examples, padded length, non-padding tokens).
+    """
+    build_collator = attn_temp.training._collator
+
+    def recording_collator(*args, **kwargs):
+        collate = build_collator(*args, **kwargs)
+
+        def collate_and_record(features):
+            batch = collate(features)
+            if "attention_mask" in batch:
+                mask = batch["attention_mask"]
+                batches.append((mask.shape[0], mask.shape[1], int(mask.sum())))
+            return batch
+
+        return collate_and_record
+
+    attn_temp.training._collator = recording_collator
+    try:
+        yield batches
+    finally:
+        attn_temp.training._collator = build_collator
+
+
+def same_training_batches(finetune_batches: list, trainer_batches: list) -> bool:
+    """Return whether the Trainer's batches occur, in order, among finetune.py's.
+
+    finetune.py also collates measurement and evaluation batches; the Trainer side only trains.
+    """
+    if not trainer_batches:
+        return False
+    length = len(trainer_batches)
+    return any(
+        finetune_batches[start : start + length] == trainer_batches
+        for start in range(len(finetune_batches) - length + 1)
+    )
 
 
 def finetune_epoch_seconds(args, output_dir) -> tuple[float, int]:
@@ -114,7 +158,7 @@ def trainer_epoch_seconds(args, output_dir) -> float:
     processed = _preprocess(raw, run, tokenizer, input_column, label_column, names, is_image, accelerator)
     model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=len(names))
     patch_model(model, head_temperature=run.head_temperature)
-    collator = _collator(run, tokenizer, False, accelerator)
+    collator = attn_temp.training._collator(run, tokenizer, False, accelerator)
     training_args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=args.batch_size,
@@ -184,13 +228,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
 
-    finetune_times, trainer_times = [], []
+    finetune_times, trainer_times, same_batches = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
-            seconds, steps = finetune_epoch_seconds(args, os.path.join(scratch, f"finetune_{repeat}"))
+            with recording_batches([]) as finetune_batches:
+                seconds, steps = finetune_epoch_seconds(args, os.path.join(scratch, f"finetune_{repeat}"))
             finetune_times.append(seconds)
-            trainer_times.append(trainer_epoch_seconds(args, os.path.join(scratch, f"trainer_{repeat}")))
-            print(f"repeat {repeat}: finetune.py {finetune_times[-1]:.1f} s, Trainer {trainer_times[-1]:.1f} s", flush=True)
+            with recording_batches([]) as trainer_batches:
+                trainer_times.append(trainer_epoch_seconds(args, os.path.join(scratch, f"trainer_{repeat}")))
+            same_batches.append(same_training_batches(finetune_batches, trainer_batches))
+            print(
+                f"repeat {repeat}: finetune.py {finetune_times[-1]:.1f} s, Trainer {trainer_times[-1]:.1f} s, "
+                f"same batches: {same_batches[-1]}",
+                flush=True,
+            )
         step_seconds = statistics.median(finetune_times) / steps
         share = None if args.skip_share else measurement_share(args, os.path.join(scratch, "default_job"), step_seconds)
 
@@ -205,6 +256,7 @@ def main(argv=None) -> int:
         "finetune_epoch_seconds": finetune_times,
         "trainer_epoch_seconds": trainer_times,
         "ratio_finetune_over_trainer": finetune_median / trainer_median,
+        "same_training_batches": all(same_batches),
         "measurement": share,
     }
     padding = f"padded to {args.max_length} tokens" if args.pad_to_max_length else f"dynamic padding to <= {args.max_length} tokens"
@@ -212,6 +264,7 @@ def main(argv=None) -> int:
     print(f"  finetune.py loop   median {finetune_median:8.1f} s  runs {[round(t, 1) for t in finetune_times]}")
     print(f"  transformers Trainer median {trainer_median:6.1f} s  runs {[round(t, 1) for t in trainer_times]}")
     print(f"  ratio finetune.py / Trainer: {results['ratio_finetune_over_trainer']:.3f} (target <= 1.0)")
+    print(f"  same training batches in the same order on both sides: {results['same_training_batches']}")
     if share is not None:
         print(
             f"Measurement share at the default cadence (every {share['measure_every']} steps, "

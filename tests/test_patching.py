@@ -1,5 +1,6 @@
 """Tests of patch_model / unpatch_model on real transformers models built from small configs and on MiniLM."""
 
+import logging
 import math
 
 import pytest
@@ -385,6 +386,44 @@ def test_learned_temperatures_round_trip(tmp_path):
     assert temperatures["head_temperature"] == pytest.approx(3.5)
     assert temperatures["attention_temperature"][1] == pytest.approx([0.5, 1.0, 2.0, 4.0])
     torch.testing.assert_close(logits(reloaded, batch), expected)
+
+
+class _RecordingHandler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def load_report_messages(load):
+    """Run `load()` and return what transformers logged meanwhile (its logger does not propagate to root)."""
+    handler = _RecordingHandler()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        model = load()
+    finally:
+        transformers_logger.removeHandler(handler)
+    return model, "\n".join(handler.messages)
+
+
+def test_load_patched_reports_no_unexpected_keys(tmp_path):
+    model = bert()
+    patch_model(model, head_temperature=2.0, attention_temperature=1.0, learnable=True)
+    model.save_pretrained(tmp_path)
+    class_attribute_before = vars(BertForSequenceClassification).get("_keys_to_ignore_on_load_unexpected")
+
+    reloaded, messages = load_report_messages(lambda: load_patched(tmp_path))
+    assert "attn_temp_log_temperature" not in messages
+    assert get_temperatures(reloaded)["head_temperature"] == pytest.approx(2.0)
+
+    # The class is left as it was, so a plain load still reports the weights it does not load.
+    assert vars(BertForSequenceClassification).get("_keys_to_ignore_on_load_unexpected") == class_attribute_before
+    _, messages = load_report_messages(lambda: BertForSequenceClassification.from_pretrained(tmp_path))
+    assert "attn_temp_log_temperature" in messages
+    assert "UNEXPECTED" in messages
 
 
 def test_broken_config_entry_raises(tmp_path):
