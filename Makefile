@@ -27,9 +27,10 @@ test: setup
 
 # The main job: the default fine-tuning run (all-MiniLM-L6-v2 on WordNet noun glosses, head T = 1), launched
 # through accelerate as one process. It ends with a model card in outputs/finetune/README.md and prints its
-# path. Without --num_cpu_threads_per_process, accelerate launch on CPU runs torch with a single thread.
+# path. Without --num_cpu_threads_per_process, accelerate launch on CPU runs torch with a single thread;
+# --quiet keeps accelerate from adding its own traceback under the job's error message.
 finetune: setup
-	HF_HUB_OFFLINE=1 $(PYTHON) -m accelerate.commands.launch --num_processes 1 --num_machines 1 \
+	HF_HUB_OFFLINE=1 $(PYTHON) -m accelerate.commands.launch --quiet --num_processes 1 --num_machines 1 \
 		--mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(CPU_THREADS) \
 		scripts/finetune.py $(FINETUNE_ARGS)
 

@@ -212,6 +212,8 @@ def _measured_steps_text(metrics: dict) -> str | None:
         rule = "at the start and at the end of each epoch"
     elif cadence == "end":
         rule = "at the start and at the end"
+    elif steps and max(steps) < cadence:
+        rule = f"at the start and at the end; the run was shorter than the cadence of {cadence} optimizer steps"
     else:
         rule = f"every {cadence} optimizer steps, at the start and at the end"
     if not steps:
@@ -243,6 +245,14 @@ def _pooling_text(metrics: dict) -> str:
         "mean": "the mean over non-padding tokens",
         "last": "the last non-padding token",
     }.get(pooling, "one vector per example")
+
+
+def _temperatures_change_outputs(temperatures: dict) -> bool:
+    """Return whether the temperatures make the model differ from the same weights loaded without them."""
+    if temperatures.get("learnable"):
+        return True
+    values = [temperatures.get("head_temperature"), *(temperatures.get("attention_temperature") or [])]
+    return any(value is not None and value != 1.0 for value in values)
 
 
 def _percent(fraction) -> str | None:
@@ -284,11 +294,14 @@ def build_model_card(output_dir, metrics: dict, template_path=None, model_name: 
     """Render the model card of a finished run from its metrics (the content of metrics.json).
 
     Plots are embedded by file name, relative to the card, so they show on the Hub and in a local viewer.
+    The loading example uses `--hub_model_id` when the run pushes to it, else `output_dir` as given.
     """
     from .training import RANK_OVER_TRAINING_PLOT, RANK_PER_LAYER_PLOT
 
     output_dir = Path(output_dir)
     model_name = model_name or output_dir.resolve().name
+    args = metrics.get("args", {})
+    load_path = args.get("hub_model_id") if args.get("push_to_hub") and args.get("hub_model_id") else str(output_dir)
     temperatures = metrics.get("temperatures", {})
     attention = temperatures.get("attention_temperature") or []
     attention_text = (
@@ -320,6 +333,8 @@ def build_model_card(output_dir, metrics: dict, template_path=None, model_name: 
         build_card_data(metrics, model_name),
         template_path=template_path or FINETUNE_TEMPLATE,
         model_name=model_name,
+        load_path=load_path,
+        changes_outputs=_temperatures_change_outputs(temperatures),
         task=metrics.get("task"),
         dataset=metrics.get("dataset"),
         dataset_description=DATASET_DESCRIPTIONS.get(str(metrics.get("dataset")), ""),

@@ -727,8 +727,8 @@ def _warn_sample_bound(layers: dict[str, LayerResult], center: bool) -> None:
         bound = "the sample count minus one (centred)" if center else "the sample count"
         warnings.warn(
             f"Fewer samples than features in {', '.join(bounded)}: rank there is at most {bound}, so it "
-            "measures the data size, not the representation. Measure more samples (`max_samples`, a larger "
-            "split) for a meaningful rank.",
+            "measures the data size, not the representation. Measure more samples (`max_samples`, or "
+            "`--measure_samples` in scripts/finetune.py) for a meaningful rank.",
             SampleBoundWarning,
             stacklevel=3,
         )

@@ -714,6 +714,7 @@ def plot_rank_over_training(history: list[dict], path, *, title: str = "", rank:
             figure.savefig(temporary, format="png", dpi=110)
     finally:
         plt.close(figure)
+    logger.info("Wrote %s", path)
 
 
 def _plot_title(metrics: dict) -> str:

