@@ -224,27 +224,22 @@ def _measured_steps_text(metrics: dict) -> str | None:
     return f"steps {', '.join(displayed_steps)} ({rule})"
 
 
-def _rank_notes(metrics: dict) -> str:
-    """Explain ranks that look wrong but are expected, such as rank 0 of the embeddings under CLS pooling."""
-    settings = metrics.get("representations", {}).get("settings", {})
-    ranks = metrics.get("ranks", {})
-    notes = []
-    if settings.get("pooling") == "cls" and ranks.get("embeddings", {}).get("numerical_rank") == 0:
-        notes.append(
-            "The `embeddings` row is 0 because each layer is read at the first token (CLS pooling): the embedding "
-            "output there is the [CLS] token's embedding, the same for every input. "
-            "`attn_temp.measure_representations(..., pooling=\"mean\")` measures the embedding rank."
-        )
-    return " ".join(notes)
+POOLING_DESCRIPTIONS = {
+    "cls": "the first token (CLS pooling)",
+    "mean": "the mean over non-padding tokens",
+    "last": "the last non-padding token",
+}
 
 
-def _pooling_text(metrics: dict) -> str:
-    pooling = metrics.get("representations", {}).get("settings", {}).get("pooling")
-    return {
-        "cls": "the first token (CLS pooling)",
-        "mean": "the mean over non-padding tokens",
-        "last": "the last non-padding token",
-    }.get(pooling, "one vector per example")
+def _rank_note(pooling: str | None, ranks: dict) -> str:
+    """Explain rank 0 of the embeddings under CLS pooling, which looks wrong but is expected."""
+    if pooling != "cls" or ranks.get("embeddings", {}).get("numerical_rank") != 0:
+        return ""
+    return (
+        "The `embeddings` row is 0 because each layer is read at the first token (CLS pooling): the embedding "
+        "output there is the [CLS] token's embedding, the same for every input. "
+        "`attn_temp.measure_representations(..., pooling=\"mean\")` measures the embedding rank."
+    )
 
 
 def _temperatures_change_outputs(temperatures: dict) -> bool:
@@ -302,6 +297,7 @@ def build_model_card(output_dir, metrics: dict, template_path=None, model_name: 
     model_name = model_name or output_dir.resolve().name
     args = metrics.get("args", {})
     load_path = args.get("hub_model_id") if args.get("push_to_hub") and args.get("hub_model_id") else str(output_dir)
+    pooling = metrics.get("representations", {}).get("settings", {}).get("pooling")
     temperatures = metrics.get("temperatures", {})
     attention = temperatures.get("attention_temperature") or []
     attention_text = (
@@ -342,12 +338,12 @@ def build_model_card(output_dir, metrics: dict, template_path=None, model_name: 
         head_temperature=temperatures.get("head_temperature"),
         attention_temperature=attention_text,
         learnable=temperatures.get("learnable", False),
-        rank_tolerance=metrics.get("args", {}).get("rank_tolerance"),
-        measure_samples=metrics.get("args", {}).get("measure_samples"),
+        rank_tolerance=args.get("rank_tolerance"),
+        measure_samples=args.get("measure_samples"),
         results_table=markdown_table(result_rows),
         rank_table=markdown_table(_rank_rows(metrics)),
-        rank_notes=_rank_notes(metrics),
-        pooling=_pooling_text(metrics),
+        rank_notes=_rank_note(pooling, metrics.get("ranks", {})),
+        pooling=POOLING_DESCRIPTIONS.get(pooling, "one vector per example"),
         setup_table=markdown_table(_setup_rows(metrics)),
         plots=plots,
         is_image=metrics.get("task") == "image-classification",

@@ -501,7 +501,7 @@ def _learned_temperatures_expected(model_class, path, from_pretrained_kwargs):
         try:
             concrete_class = _get_model_class(config, model_mapping)
         except (KeyError, ValueError):
-            # from_pretrained raises the clear error for an unsupported config.
+            # from_pretrained itself raises a clear error for an unsupported config.
             concrete_class = None
     if concrete_class is None:
         yield

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_path, restore_ordinary_modes, write_text_atomic
+from .files import restore_ordinary_modes, write_text_atomic
 
 # Re-exported: with training_function they form the public API of the fine-tuning job (see __all__).
 from .training_args import (  # noqa: F401
@@ -470,7 +470,7 @@ def _train(args, accelerator) -> dict:
     measure_seconds = 0.0
     last_measurement: dict = {}
     last_measured_step = None
-    # A resumed run keeps the measurement steps of its first part (later ones were measured after the checkpoint).
+    # A resumed run keeps the measurement steps up to its checkpoint. Later ones belong to the interrupted part and are redone.
     measured_steps = [
         record["step"]
         for record in (read_jsonl(history_path) if completed_steps and history_path.exists() else [])
@@ -684,10 +684,7 @@ def plot_rank_over_training(history: list[dict], path, *, title: str = "", rank:
         title (`str`): figure title.
         rank (`str`): "numerical_rank", "effective_rank" or "stable_rank".
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import _save, plt
 
     records = sorted(history, key=lambda record: record["step"])
     layer_order = list(records[-1]["report"]["layers"]) if records else []
@@ -709,12 +706,7 @@ def plot_rank_over_training(history: list[dict], path, *, title: str = "", rank:
         axes.legend(fontsize=7, ncol=2, loc="best")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, format="png", dpi=110)
-    finally:
-        plt.close(figure)
-    logger.info("Wrote %s", path)
+    _save(figure, path)
 
 
 def _plot_title(metrics: dict) -> str:

@@ -13,8 +13,8 @@
 #
 # The two sides alternate (finetune, Trainer, finetune, ...) so that load from other processes hits both;
 # the median of each side is reported. Both sides shuffle with accelerate's seedable sampler from the same
-# seed. The script records the token count of every training batch on both sides and reports whether they
-# saw the same batches in the same order, so that with dynamic padding both do the same work.
+# seed. The script records the shape and token count of every collated batch on both sides and reports
+# whether they trained on the same batches in the same order, so that with dynamic padding both do the same work.
 #
 #   python scripts/bench_finetune.py                       # about 10 minutes on 2 idle cores
 #   python scripts/bench_finetune.py --quick               # smaller epochs, a rough check
